@@ -1,0 +1,3 @@
+"""Titans MAC inference server."""
+
+__version__ = "0.1.0"
