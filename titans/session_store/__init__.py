@@ -97,7 +97,7 @@ def open_store(
     memory_budget_bytes: int = 1 * 2**30,
     timeout_seconds: float = 5.0,
 ) -> SessionStore:
-    """Create the session store that ``url`` names; it connects lazily, on the first call.
+    """Create the session store that ``url`` names. It connects lazily, on the first call.
 
     ``prefix`` namespaces Redis keys, so several deployments can share one Redis. The memory
     and SQLite backends ignore it, because each has its own process or file.

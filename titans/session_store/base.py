@@ -107,7 +107,7 @@ class CorruptState(StoreError):
 
 @dataclass(frozen=True)
 class SessionMeta:
-    """Metadata record of one session; times are unix seconds."""
+    """Metadata record of one session. Times are unix seconds."""
 
     id: str
     owner: str
@@ -201,7 +201,7 @@ def verify_state(session_id: str, state: bytes | None, state_bytes: int, sha256:
 
 
 class SessionStore(abc.ABC):
-    """Async store of session states and metadata; see MemoryStore, SqliteStore and RedisStore.
+    """Async store of session states and metadata, implemented by MemoryStore, SqliteStore and RedisStore.
 
     Every method that reads or writes one session renews its idle TTL. An expired session
     behaves as if it never existed.
@@ -238,7 +238,7 @@ class SessionStore(abc.ABC):
         tokens: int = 0,
         metadata: dict[str, str] | None = None,
     ) -> SessionMeta:
-        """Create a session at version 1; ``state=None`` means fresh memory with nothing stored.
+        """Create a session at version 1. ``state=None`` means fresh memory with nothing stored.
 
         Raises InvalidSessionId, SessionExists, StateTooLarge or TooManySessions.
         """
@@ -249,7 +249,7 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     async def load(self, session_id: str) -> tuple[SessionMeta, bytes | None]:
-        """Return metadata and state read together; raise CorruptState if the state fails its SHA-256 check."""
+        """Return metadata and state read together, or raise CorruptState if the state fails its SHA-256 check."""
 
     @abc.abstractmethod
     async def commit(
@@ -278,11 +278,11 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     async def ping(self) -> None:
-        """Raise StoreUnavailable unless the backend answers."""
+        """Raise StoreUnavailable unless the backend responds."""
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Release connections and files; the store must not be used afterwards."""
+        """Release connections and files. The store must not be used afterwards."""
 
     def lease(self, session_id: str, ttl_seconds: float = 30.0) -> Lease:
         """Return an exclusive, self-renewing lease on a session for use with ``async with``."""
@@ -293,15 +293,15 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     async def _acquire_lease(self, session_id: str, token: str, ttl_seconds: float) -> bool:
-        """Take the lease unless another holder has an unexpired one; return whether it was taken."""
+        """Take the lease unless another holder has an unexpired one, and return whether it was taken."""
 
     @abc.abstractmethod
     async def _renew_lease(self, session_id: str, token: str, ttl_seconds: float) -> bool:
-        """Extend the lease if ``token`` still holds it; return whether it did."""
+        """Extend the lease if ``token`` still owns it, and return whether it did."""
 
     @abc.abstractmethod
     async def _release_lease(self, session_id: str, token: str) -> bool:
-        """Delete the lease if ``token`` still holds it; return whether it did."""
+        """Delete the lease if ``token`` still owns it, and return whether it did."""
 
 
 class Lease:
@@ -319,15 +319,15 @@ class Lease:
         self.ttl_seconds = float(ttl_seconds)
         self.token = secrets.token_hex(16)
         self.lost = False
-        self._held = False
+        self._acquired = False
         self._renewal: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Lease:
-        if self._held:
+        if self._acquired:
             raise RuntimeError(f"lease on session {self.session_id!r} is already held by this object")
         if not await self.store._acquire_lease(self.session_id, self.token, self.ttl_seconds):
             raise SessionBusy(self.session_id)
-        self._held = True
+        self._acquired = True
         self.lost = False
         self._renewal = asyncio.create_task(
             self._renew_until_cancelled(), name=f"lease-renewal:{self.session_id}"
@@ -336,13 +336,13 @@ class Lease:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._stop_renewal()
-        self._held = False
+        self._acquired = False
         try:
             released = await self.store._release_lease(self.session_id, self.token)
         except StoreUnavailable as error:
             # The lease expires on its own after ttl_seconds, so the session is freed anyway.
             logger.warning(
-                "Failed to release lease on session %s; it expires in %.1f s: %s",
+                "Failed to release lease on session %s, which expires in %.1f s: %s",
                 self.session_id, self.ttl_seconds, error,
             )
             return

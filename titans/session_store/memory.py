@@ -247,7 +247,7 @@ class MemoryStore(SessionStore):
 
     async def _acquire_lease(self, session_id: str, token: str, ttl_seconds: float) -> bool:
         now = time.monotonic()
-        # Drop leases whose holders died, so the table holds only live ones.
+        # Drop expired leases, whose holders died or stopped renewing, so the dict stays small.
         for expired_id in [key for key, (_, expires_at) in self._leases.items() if expires_at <= now]:
             del self._leases[expired_id]
         if session_id in self._leases:

@@ -4,12 +4,13 @@ Keys of one session, under the configured prefix:
 
 - ``{prefix}:session:{id}:meta``: hash with the metadata fields and the state's SHA-256
 - ``{prefix}:session:{id}:state``: string with the state bytes, absent when there is no state
+- ``{prefix}:session:{id}:staging:{random}``: a new state uploaded before the write script
+  renames it over ``:state``, expiring on its own if the writer dies in between
 - ``{prefix}:session:{id}:lease``: string with the lease holder's random token
 - ``{prefix}:owner:{owner}:sessions``: sorted set of the owner's session ids, scored by creation time
 
-Every change runs as one Lua script, so state and metadata change together and readers never
-see one without the other. The scripts build the owner key from the stored owner, which
-standalone Redis allows but Redis Cluster does not.
+Every change of metadata and state happens in one Lua script (redis_scripts.py), and ``load``
+reads both in one MULTI/EXEC, so no reader sees one without the other.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -46,83 +48,18 @@ from .base import (
     validate_session_id,
     verify_state,
 )
+from .redis_scripts import (
+    CREATE_LUA,
+    DELETE_LUA,
+    READ_LUA,
+    RELEASE_LEASE_LUA,
+    RENEW_LEASE_LUA,
+    WRITE_LUA,
+)
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Renew the TTL of a session's keys and of its owner's index. ARGV[1] is the TTL in ms and
-# ARGV[2] the owner key prefix "{prefix}:owner:".
-_RENEW_LUA = """
-local function renew(meta_key, state_key)
-  redis.call('PEXPIRE', meta_key, ARGV[1])
-  redis.call('PEXPIRE', state_key, ARGV[1])
-  local owner = redis.call('HGET', meta_key, 'owner')
-  redis.call('PEXPIRE', ARGV[2] .. owner .. ':sessions', ARGV[1])
-end
-"""
-
-# KEYS: meta, state. ARGV[3]: "meta", "load" or "touch".
-_READ_LUA = _RENEW_LUA + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found'} end
-renew(KEYS[1], KEYS[2])
-if ARGV[3] == 'touch' then return {'ok'} end
-local fields = redis.call('HGETALL', KEYS[1])
-if ARGV[3] == 'load' then return {'ok', fields, redis.call('GET', KEYS[2])} end
-return {'ok', fields}
-"""
-
-# KEYS: meta, state. ARGV[3]: base version, or '' to skip the check; ARGV[4]: '1' if a state
-# follows in ARGV[5]; ARGV[6..9]: state_bytes, state_sha256, tokens, updated_at.
-_WRITE_LUA = _RENEW_LUA + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found'} end
-local version = tonumber(redis.call('HGET', KEYS[1], 'version'))
-if ARGV[3] ~= '' and version ~= tonumber(ARGV[3]) then return {'conflict', tostring(version)} end
-if ARGV[4] == '1' then redis.call('SET', KEYS[2], ARGV[5]) else redis.call('DEL', KEYS[2]) end
-redis.call('HSET', KEYS[1], 'state_bytes', ARGV[6], 'state_sha256', ARGV[7], 'tokens', ARGV[8],
-           'updated_at', ARGV[9])
-redis.call('HINCRBY', KEYS[1], 'version', 1)
-renew(KEYS[1], KEYS[2])
-return {'ok', redis.call('HGETALL', KEYS[1])}
-"""
-
-# KEYS: meta, state, owner index. ARGV: ttl ms, session id, max sessions, created_at,
-# has state ('1'/'0'), state, session key prefix "{prefix}:session:", then field/value pairs.
-# Index members whose meta key expired are dropped before counting.
-_CREATE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
-for _, member in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-  if redis.call('EXISTS', ARGV[7] .. member .. ':meta') == 0 then redis.call('ZREM', KEYS[3], member) end
-end
-if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[3]) then return {'too_many'} end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], unpack(ARGV, 8))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-if ARGV[5] == '1' then redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[1]) end
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
-redis.call('PEXPIRE', KEYS[3], ARGV[1])
-return {'ok'}
-"""
-
-# KEYS: meta, state. ARGV: owner key prefix, session id.
-_DELETE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found'} end
-local owner = redis.call('HGET', KEYS[1], 'owner')
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('ZREM', ARGV[1] .. owner .. ':sessions', ARGV[2])
-return {'ok'}
-"""
-
-# KEYS: lease. ARGV: token, ttl ms. Both scripts act only if the caller's token holds the lease.
-_RENEW_LEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_RELEASE_LEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 def _describe_url(url: str) -> str:
     """Return the URL without user name and password, for messages and logs."""
@@ -142,7 +79,7 @@ class RedisStore(SessionStore):
     """Session store in Redis through ``redis.asyncio`` with a connection pool.
 
     Each call is bounded by ``timeout_seconds`` (socket connect and read timeouts and an
-    overall deadline). A refused or dropped connection is retried once at once, which
+    overall deadline). A refused or dropped connection is retried once, immediately, which
     replaces pooled connections that died while Redis restarted. Any Redis error raises
     StoreUnavailable, and the next call opens fresh connections.
     """
@@ -173,12 +110,13 @@ class RedisStore(SessionStore):
             socket_connect_timeout=timeout_seconds,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
-        self._read = self._client.register_script(_READ_LUA)
-        self._write = self._client.register_script(_WRITE_LUA)
-        self._create = self._client.register_script(_CREATE_LUA)
-        self._delete = self._client.register_script(_DELETE_LUA)
-        self._renew_lease_script = self._client.register_script(_RENEW_LEASE_LUA)
-        self._release_lease_script = self._client.register_script(_RELEASE_LEASE_LUA)
+        self._read = self._client.register_script(READ_LUA)
+        self._write = self._client.register_script(WRITE_LUA)
+        self._create = self._client.register_script(CREATE_LUA)
+        self._delete = self._client.register_script(DELETE_LUA)
+        self._renew_lease_script = self._client.register_script(RENEW_LEASE_LUA)
+        self._release_lease_script = self._client.register_script(RELEASE_LEASE_LUA)
+        logger.info("Using Redis session store at %s with key prefix %r", self.location, prefix)
 
     # --- keys and helpers ---------------------------------------------------------------------
 
@@ -199,6 +137,12 @@ class RedisStore(SessionStore):
     @property
     def _ttl_ms(self) -> int:
         return _milliseconds(self.ttl_seconds)
+
+    @property
+    def _staging_ttl_ms(self) -> int:
+        # NOTE: 60 s is a guess: long enough for the write script that follows the upload
+        # within one timeout, short enough that a crashed client's upload soon goes away.
+        return _milliseconds(max(60.0, 4 * self.timeout_seconds))
 
     async def _call(self, operation: Awaitable[T]) -> T:
         """Await one Redis operation within timeout_seconds and map its failures to StoreUnavailable."""
@@ -249,7 +193,8 @@ class RedisStore(SessionStore):
         state = check_state(state, self.max_state_bytes, session_id)
         tokens = check_tokens(tokens)
         labels = check_metadata(metadata)
-        digest = await asyncio.to_thread(state_digest, state) if state is not None else ""
+        digest, staging_key = await self._stage(session_id, state)
+
         now = time.time()
         meta = SessionMeta(
             id=session_id, owner=owner, fingerprint=str(fingerprint), created_at=now, updated_at=now,
@@ -268,12 +213,12 @@ class RedisStore(SessionStore):
             "metadata": json.dumps(labels),
         }
         flat_fields = [item for pair in fields.items() for item in pair]
+
         reply = await self._call(self._create(
-            keys=[*self._session_keys(session_id), self._owner_key(owner)],
+            keys=[*self._session_keys(session_id), self._owner_key(owner), staging_key],
             args=[
                 self._ttl_ms, session_id, self.max_sessions_per_owner, repr(now),
-                "1" if state is not None else "0", state if state is not None else b"",
-                f"{self.prefix}:session:", *flat_fields,
+                "1" if state is not None else "0", f"{self.prefix}:session:", *flat_fields,
             ],
         ))
         status = reply[0]
@@ -281,7 +226,28 @@ class RedisStore(SessionStore):
             raise SessionExists(session_id)
         if status == b"too_many":
             raise TooManySessions(owner, self.max_sessions_per_owner)
+        self._check_staging(status, session_id)
         return meta
+
+    async def _stage(self, session_id: str, state: bytes | None) -> tuple[str, str]:
+        """Upload ``state`` to a fresh staging key while hashing it, and return the SHA-256 and the key.
+
+        Without a state, nothing is uploaded and the SHA-256 is empty. The staging key expires
+        on its own if this client dies before a script renames it.
+        """
+        staging_key = f"{self.prefix}:session:{session_id}:staging:{secrets.token_hex(8)}"
+        if state is None:
+            return "", staging_key
+        digest, _ = await asyncio.gather(
+            asyncio.to_thread(state_digest, state),
+            self._call(self._client.set(staging_key, state, px=self._staging_ttl_ms)),
+        )
+        return digest, staging_key
+
+    def _check_staging(self, status: bytes, session_id: str) -> None:
+        if status == b"staging_lost":
+            cause = TimeoutError(f"staged state of session {session_id!r} expired before the write script ran")
+            raise StoreUnavailable(cause, f"Redis session store at {self.location} failed to write: {cause}")
 
     async def _read_session(self, session_id: str, mode: str) -> list[Any]:
         validate_session_id(session_id)
@@ -297,9 +263,19 @@ class RedisStore(SessionStore):
         return self._meta_from_fields(session_id, reply[1])[0]
 
     async def load(self, session_id: str) -> tuple[SessionMeta, bytes | None]:
-        reply = await self._read_session(session_id, "load")
-        meta, digest = self._meta_from_fields(session_id, reply[1])
-        state = reply[2] if len(reply) > 2 else None
+        validate_session_id(session_id)
+        meta_key, state_key = self._session_keys(session_id)
+        # MULTI/EXEC runs the three commands with no other command between them. The state
+        # is read by GET rather than inside the script, which copies large values slowly.
+        pipeline = self._client.pipeline(transaction=True)
+        await self._read(keys=[meta_key, state_key], args=[self._ttl_ms, self._owner_key_prefix, "touch"],
+                         client=pipeline)
+        pipeline.hgetall(meta_key)
+        pipeline.get(state_key)
+        reply, fields, state = await self._call(pipeline.execute())
+        if reply[0] == b"not_found":
+            raise SessionNotFound(session_id)
+        meta, digest = self._meta_from_fields(session_id, fields)
         await asyncio.to_thread(verify_state, session_id, state, meta.state_bytes, digest)
         return meta, state
 
@@ -319,13 +295,12 @@ class RedisStore(SessionStore):
         return await self._replace_state(session_id, None, 0, "")
 
     async def _replace_state(self, session_id: str, state: bytes | None, tokens: int, base_version: str) -> SessionMeta:
-        """Write state and tokens and increment the version; an empty ``base_version`` skips the check."""
-        digest = await asyncio.to_thread(state_digest, state) if state is not None else ""
+        """Write state and tokens and increment the version. An empty ``base_version`` skips the check."""
+        digest, staging_key = await self._stage(session_id, state)
         reply = await self._call(self._write(
-            keys=self._session_keys(session_id),
+            keys=[*self._session_keys(session_id), staging_key],
             args=[
-                self._ttl_ms, self._owner_key_prefix, base_version,
-                "1" if state is not None else "0", state if state is not None else b"",
+                self._ttl_ms, self._owner_key_prefix, base_version, "1" if state is not None else "0",
                 len(state) if state is not None else 0, digest, tokens, repr(time.time()),
             ],
         ))
@@ -334,6 +309,7 @@ class RedisStore(SessionStore):
             raise SessionNotFound(session_id)
         if status == b"conflict":
             raise VersionConflict(int(base_version), int(reply[1]), session_id)
+        self._check_staging(status, session_id)
         return self._meta_from_fields(session_id, reply[1])[0]
 
     async def delete(self, session_id: str) -> None:

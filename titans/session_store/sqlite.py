@@ -121,7 +121,7 @@ class SqliteStore(SessionStore):
             try:
                 connection.execute("PRAGMA journal_mode=WAL")
                 # In WAL mode, NORMAL never corrupts the file, but a power loss can drop
-                # the last commits. The store holds resumable session state, not ledgers.
+                # the last commits. The store contains resumable session state, not ledgers.
                 connection.execute("PRAGMA synchronous=NORMAL")
                 connection.executescript(_SCHEMA)
             except BaseException:
@@ -257,7 +257,7 @@ class SqliteStore(SessionStore):
     def _replace_state(
         self, session_id: str, state: bytes | None, tokens: int, base_version: int | None
     ) -> SessionMeta:
-        """Write state and tokens and increment the version; ``base_version=None`` skips the version check."""
+        """Write state and tokens and increment the version. ``base_version=None`` skips the version check."""
         digest = state_digest(state) if state is not None else None
         size = len(state) if state is not None else 0
         with self._transaction() as connection:
@@ -360,6 +360,6 @@ class SqliteStore(SessionStore):
             if row is None:
                 return False
             connection.execute("DELETE FROM leases WHERE session_id = ? AND token = ?", (session_id, token))
-            # A lease past its expiry counts as lost even if nobody took it over yet, as in
+            # A lease past its expiry counts as lost even if no other holder took it over yet, as in
             # Redis, where its key would already be gone.
             return row[0] > time.time()
