@@ -28,6 +28,7 @@ class MACConfig:
     memory_expansion: int = 2  # e, memory MLP hidden width is e * d
     memory_layers: tuple[int, ...] | None = None  # layer indices with a neural memory; None = all
     memory_max_lr: float = 1.0  # theta_max, upper bound of the data-dependent learning rate
+    memory_max_momentum: float = 1.0  # eta_max, upper bound of the data-dependent momentum decay
     memory_residual: bool = True  # M(k) = MLP(k) + k
     output_gate: bool = True  # gate the attention output with a memory read
     conv_width: int = 4  # kappa, width of the short causal convolutions
@@ -61,6 +62,8 @@ class MACConfig:
                 f"segment_len={self.segment_len}")
         if not self.memory_max_lr > 0:
             raise ValueError(f"memory_max_lr must be > 0, got {self.memory_max_lr!r}")
+        if not 0 < self.memory_max_momentum <= 1:
+            raise ValueError(f"memory_max_momentum must be in (0, 1], got {self.memory_max_momentum!r}")
         if self.ffn_dim is not None and self.ffn_dim < 1:
             raise ValueError(f"ffn_dim must be a positive integer, got {self.ffn_dim!r}")
         for index in self.memory_layers or ():

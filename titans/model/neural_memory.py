@@ -131,6 +131,7 @@ class NeuralMemory(nn.Module):
         dim, self.heads, d = config.dim, config.heads, config.head_dim
         self.residual = config.memory_residual
         self.max_lr = config.memory_max_lr
+        self.max_momentum = config.memory_max_momentum
         self.query = nn.Linear(dim, dim, bias=False)  # W^m_Q
         self.key = nn.Linear(dim, dim, bias=False)  # W^m_K
         self.value = nn.Linear(dim, dim, bias=False)  # W^m_V
@@ -148,7 +149,7 @@ class NeuralMemory(nn.Module):
             for j in range(config.memory_depth))
 
     def reset_gate_biases(self) -> None:
-        """Start with little forgetting (0.01), moderate momentum (0.9) and lr 0.1 * theta_max."""
+        """Start with little forgetting (0.01), momentum 0.9 * eta_max and lr 0.1 * theta_max."""
         with torch.no_grad():
             bias = self.gates.bias.view(3, self.heads)
             bias[0].fill_(math.log(0.1 / 0.9))
@@ -178,7 +179,7 @@ class NeuralMemory(nn.Module):
         logits = self.gates(y).view(y.shape[0], y.shape[1], 3, self.heads).permute(0, 3, 1, 2)
         gates = torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
         # (B, H, m, 3): theta, eta, alpha
-        gates = gates * gates.new_tensor([self.max_lr, 1.0, 1.0])
+        gates = gates * gates.new_tensor([self.max_lr, self.max_momentum, 1.0])
         return k, v, gates, history_k, history_v
 
     def update(self, weights, momentum, k, v, gates):

@@ -34,6 +34,9 @@ def _byte_decoder() -> dict[str, int]:
 
 class Tokenizer:
     def __init__(self, inner: HFTokenizer) -> None:
+        # Text that spells a special token ("<|endoftext|>") is encoded as ordinary bytes, so any
+        # string round-trips. The library does not save this setting in tokenizer.json.
+        inner.encode_special_tokens = True
         self.inner = inner
         self.vocab_size = inner.get_vocab_size()
         eos = inner.token_to_id(END_OF_TEXT)
