@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save as save_tensors
 from torch import nn
+from torch.profiler import record_function
 
 from .attention import SegmentAttention, write_slots
 from .config import MACConfig
@@ -35,30 +36,40 @@ class MACBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, layer: LayerState, slots: torch.Tensor, chunk_slots: torch.Tensor,
                 cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        # record_function labels name the stages in `titans profile` reports.
         u = self.norm_attn(x)
         retrieved = None
         if self.memory is not None:
-            retrieved, layer.conv_q = self.memory.read(u, layer.weights, layer.conv_q)
+            with record_function("memory_read"):
+                retrieved, layer.conv_q = self.memory.read(u, layer.weights, layer.conv_q)
 
-        y = self.attention(u, retrieved, layer, slots, cos, sin, visible)  # (B, m, D)
+        with record_function("attention"):
+            y = self.attention(u, retrieved, layer, slots, cos, sin, visible)  # (B, m, D)
 
         out = y
         if self.memory is not None and self.config.output_gate:
-            out = y * self.memory.gate(y, layer.weights)
+            with record_function("memory_read"):
+                out = y * self.memory.gate(y, layer.weights)
         x = x + out
-        x = x + self.ffn(self.norm_ffn(x))
+        with record_function("mlp"):
+            x = x + self.ffn(self.norm_ffn(x))
 
         if self.memory is not None:
-            k, v, gates, layer.conv_k, layer.conv_v = self.memory.write_inputs(y, layer.conv_k, layer.conv_v)
-            layer.chunk_k = write_slots(layer.chunk_k, chunk_slots, k)
-            layer.chunk_v = write_slots(layer.chunk_v, chunk_slots, v)
-            layer.chunk_gates = write_slots(layer.chunk_gates, chunk_slots, gates)
+            with record_function("memory_update"):
+                k, v, gates, layer.conv_k, layer.conv_v = self.memory.write_inputs(y, layer.conv_k, layer.conv_v)
+                layer.chunk_k = write_slots(layer.chunk_k, chunk_slots, k)
+                layer.chunk_v = write_slots(layer.chunk_v, chunk_slots, v)
+                layer.chunk_gates = write_slots(layer.chunk_gates, chunk_slots, gates)
         return x
 
     def absorb_chunk(self, layer: LayerState, done: list[int], batch_size: int) -> None:
         """Apply the chunk update for the sessions in `done`, whose chunk is complete."""
         if self.memory is None:
             return
+        with record_function("memory_update"):
+            self._absorb_chunk(layer, done, batch_size)
+
+    def _absorb_chunk(self, layer: LayerState, done: list[int], batch_size: int) -> None:
         if len(done) == batch_size:
             layer.weights, layer.momentum = self.memory.update(
                 layer.weights, layer.momentum, layer.chunk_k, layer.chunk_v, layer.chunk_gates)
@@ -188,8 +199,10 @@ class MACModel(nn.Module):
             start += m
         if not outputs:
             return self.embed.weight.new_zeros(state.batch_size, 0, cfg.vocab_size), state
-        hidden = self.norm(torch.cat(outputs, dim=1))
-        return F.linear(hidden, self.embed.weight), state  # tied output embedding
+        with record_function("output_head"):
+            hidden = self.norm(torch.cat(outputs, dim=1))
+            logits = F.linear(hidden, self.embed.weight)  # tied output embedding
+        return logits, state
 
     def _feed_piece(self, state: State, tokens: torch.Tensor, in_chunk: list[int], m: int) -> torch.Tensor:
         cfg = self.config
