@@ -1,0 +1,1 @@
+"""One APIRouter per resource: sessions, generation, memory, OpenAI-compatible, operations."""
