@@ -48,7 +48,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, history: list[int] | None = None) -> int:
         """logits: (V,) for the next position; history: token ids the penalty applies to."""
         p = self.params
-        logits = logits.detach().float().cpu()
+        # Copy, because .float().cpu() returns the caller's own tensor when it is already
+        # float32 on the CPU, and the repetition penalty below changes it in place.
+        logits = logits.detach().to("cpu", torch.float32, copy=True)
         if p.repetition_penalty != 1.0 and history:
             seen = torch.tensor(sorted(set(history)), dtype=torch.long)
             values = logits[seen]

@@ -105,7 +105,7 @@ def train(config: MACConfig, data_dir: str | Path, out_dir: str | Path, settings
     if data.tokenizer.vocab_size != config.vocab_size:
         raise DataError(
             f"the tokenizer in {data_dir} has {data.tokenizer.vocab_size} tokens but the config sets "
-            f"vocab_size={config.vocab_size}; set --vocab-size {data.tokenizer.vocab_size} or re-run prepare")
+            f"vocab_size={config.vocab_size}; pass --set vocab_size={data.tokenizer.vocab_size} or re-run prepare")
     seq_len = settings.seq_len or 4 * config.segment_len
 
     torch.manual_seed(settings.seed)
@@ -129,6 +129,10 @@ def train(config: MACConfig, data_dir: str | Path, out_dir: str | Path, settings
                file=sys.stderr, mininterval=2.0)
     started = time.time() - elapsed
     last_eval: dict = {}
+    # Sampler state after the last completed step. Ctrl-C inside a step rewinds to it, so
+    # --resume draws that step's batches again instead of skipping them.
+    # NOTE: an interrupt between optimizer.step() and `step += 1` still applies that update twice.
+    completed_sampler_state = sampler.get_state()
     try:
         while step < settings.steps:
             t0 = time.time()
@@ -153,6 +157,7 @@ def train(config: MACConfig, data_dir: str | Path, out_dir: str | Path, settings
                             step + 1, loss_sum, float(norm))
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            completed_sampler_state = sampler.get_state()
             tokens_seen += tokens_per_step
             rate = tokens_per_step / (time.time() - t0)
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
@@ -173,6 +178,7 @@ def train(config: MACConfig, data_dir: str | Path, out_dir: str | Path, settings
                                   step, tokens_seen, time.time() - started, last_eval)
     except KeyboardInterrupt:
         bar.close()
+        sampler.set_state(completed_sampler_state)
         if rank == 0:
             _save_train_state(out / TRAIN_STATE, config, settings, model, optimizer, sampler,
                               step, tokens_seen, time.time() - started, last_eval)
