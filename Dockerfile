@@ -11,6 +11,8 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md ./
 COPY titans ./titans
+# The project pins torch itself; its other dependencies are ranges from pyproject.toml.
+# hadolint ignore=DL3013
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==2.13.0" \
     && pip install ".[server]"
 
@@ -23,7 +25,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TITANS_HOST=0.0.0.0 \
     TITANS_PORT=8000 \
     TITANS_CHECKPOINT=/opt/titans/checkpoints/shakespeare-small
-USER titans
+USER 10001
 WORKDIR /home/titans
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \

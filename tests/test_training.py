@@ -464,9 +464,6 @@ def test_bad_input_one_line_error(case, tmp_path, bad_inputs, data_dir, byte_dat
     assert expected in lines[0]
 
 
-@pytest.mark.xfail(strict=True, reason="`python -m titans.cli` runs cli.py as __main__, so the "
-                   "titans.cli.CommandError that commands raise is another class than the one main() "
-                   "catches, and the error ends in a traceback")
 def test_module_entry_point_one_line_error(tmp_path, data_dir):
     result = subprocess.run([sys.executable, "-m", "titans.cli", "train", "--config", "tiny", "--data",
                              str(data_dir), "--out", str(tmp_path / "run"), "--set", "widht=3"],

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
@@ -75,4 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, so `python -m titans.cli` raises and catches the
+    # same CommandError class as the commands (which import titans.cli, not __main__).
+    from titans.cli import main as module_main
+
+    sys.exit(module_main())

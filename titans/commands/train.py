@@ -6,7 +6,6 @@ import argparse
 import hashlib
 import json
 import shlex
-import sys
 from pathlib import Path
 from dataclasses import fields
 
@@ -64,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(settings, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
     settings.extra = {
-        "command": "titans train " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:]),
+        "command": "titans " + shlex.join(args.argv),
         "data": data.summary,
         "data_dir": str(Path(args.data).resolve()),
     }
