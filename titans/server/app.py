@@ -19,7 +19,7 @@ from titans import __version__
 
 from .errors import install_error_handlers
 from .metrics import Metrics
-from .middleware import ApiKeyMiddleware, RequestContextMiddleware
+from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from .routes import generate, memory, openai, ops, sessions
 from .runtime import start_runtime
 from .settings import Settings
@@ -46,21 +46,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await runtime.stop()
 
     app = FastAPI(title="Titans MAC inference server", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan, max_body_size=settings.max_body_bytes,
+                  lifespan=lifespan,
                   # A JSON body without a Content-Type header is still parsed as JSON.
                   strict_content_type=False)
     install_error_handlers(app)
 
-    # Added innermost first: RequestContextMiddleware wraps everything, so 401s, CORS
+    # Added innermost first: RequestContextMiddleware wraps everything, so 401s, 413s, CORS
     # rejections and unhandled errors get a request id, an access log line and a count.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       max_state_upload_bytes=settings.max_state_upload_bytes)
     app.add_middleware(ApiKeyMiddleware, api_keys=settings.api_keys)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-Id", "Retry-After"])
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    routes: list = []
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes)
 
     for router in (sessions.router, generate.router, memory.router, openai.router, ops.router):
         app.include_router(router)
+        routes.extend(router.routes)
+    # The OpenAPI and docs routes that FastAPI adds itself.
+    routes.extend(route for route in app.router.routes if isinstance(getattr(route, "path", None), str))
     return app
 
 

@@ -6,10 +6,12 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 
+from fastapi import HTTPException
 from starlette.datastructures import Headers
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .context import begin_request, new_request_id
@@ -40,9 +42,10 @@ class RequestContextMiddleware:
     exception that escapes the app becomes a 500 JSON error if no response has started.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: list[BaseRoute]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # every route with a path, for requests that never reach the router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -84,15 +87,17 @@ class RequestContextMiddleware:
     def _route_template(self, scope: Scope) -> str:
         """Return the matched route's path template, so the label set stays bounded."""
         route = scope.get("route")
-        if route is not None and hasattr(route, "path"):
+        if route is not None and isinstance(getattr(route, "path", None), str):
             return route.path
-        # Requests rejected before routing (a missing API key) are matched here.
-        app = scope.get("app")
-        for candidate in getattr(getattr(app, "router", None), "routes", []):
+        # Requests rejected before routing (a missing API key, a body too large) are matched here.
+        partial = None
+        for candidate in self.routes:
             match, _ = candidate.matches(scope)
-            if match != Match.NONE:
+            if match == Match.FULL:
                 return candidate.path
-        return "unmatched"
+            if match == Match.PARTIAL and partial is None:
+                partial = candidate.path
+        return partial or "unmatched"
 
 
 def owner_of_key(key: str) -> str:
@@ -148,3 +153,72 @@ class ApiKeyMiddleware:
             if hmac.compare_digest(presented, key):
                 owner = key_owner
         return owner
+
+
+# The memory import route, whose body is a state file with a limit of its own.
+STATE_UPLOAD_PATH = re.compile(r"/v1/sessions/[^/]+/memory")
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while a request body is read, once it exceeds the limit (rendered as a 413 error)."""
+
+    def __init__(self, limit: int, setting: str) -> None:
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes ({setting})")
+
+
+class BodyLimitMiddleware:
+    """Reject request bodies over max_body_bytes (max_state_upload_bytes for a memory import) with 413.
+
+    The rest of a rejected body is read and discarded, up to DISCARD_LIMIT_BYTES, because a
+    server that closes a connection with unread data resets it, and the client may then
+    never see the 413. A Content-Length over the limit is rejected without passing the
+    request on. A body without one (chunked) is counted as it arrives.
+    """
+
+    DISCARD_LIMIT_BYTES = 16 * 2**20
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_state_upload_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_state_upload_bytes = max_state_upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "PUT" and STATE_UPLOAD_PATH.fullmatch(scope["path"]):
+            limit, setting = self.max_state_upload_bytes, "max_state_upload_bytes"
+        else:
+            limit, setting = self.max_body_bytes, "max_body_bytes"
+
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            error = BodyTooLarge(limit, setting)
+            if int(declared) <= limit + self.DISCARD_LIMIT_BYTES:
+                await self._discard_body(receive, 0)
+            await send_error(send, APIError(413, error.detail, code="body_too_large"))
+            return
+
+        received = 0
+
+        async def receive_with_limit() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    if message.get("more_body", False):
+                        await self._discard_body(receive, received - limit)
+                    raise BodyTooLarge(limit, setting)
+            return message
+
+        await self.app(scope, receive_with_limit, send)
+
+    async def _discard_body(self, receive: Receive, discarded: int) -> None:
+        while discarded <= self.DISCARD_LIMIT_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            discarded += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
