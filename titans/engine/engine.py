@@ -85,6 +85,7 @@ class Engine:
         self.scheduler = Scheduler(self.model, self.tokenizer, self.config, observer)
         self._accepting = False
         self._active: set[RequestStream] = set()
+        self._admitting = 0  # generate() calls between the queue check and the submit
         self._fresh_state_bytes: bytes | None = None
 
     # --- life cycle ---
@@ -126,25 +127,19 @@ class Engine:
         """
         if not self.running:
             raise EngineStopped()
-        if self.scheduler.queue_depth >= self.config.max_queued_requests:
-            raise QueueFull(self.scheduler.queue_depth, self.config.retry_after_seconds)
+        waiting = self.scheduler.queue_depth + self._admitting
+        if waiting >= self.config.max_queued_requests:
+            raise QueueFull(waiting, self.config.retry_after_seconds)
         if request.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {request.max_tokens}")
 
-        lease, meta, state = None, None, None
-        if request.session_id is not None:
-            lease = self.store.lease(request.session_id, self.config.lease_ttl_seconds)
-            try:
-                await lease.__aenter__()
-            except SessionBusy:
-                raise EngineBusySession(request.session_id, self.config.retry_after_seconds) from None
-            try:
-                meta, blob = await self.store.load(request.session_id)
-                if blob is not None:
-                    state = await asyncio.to_thread(State.from_bytes, blob, self.model)
-            except BaseException:
-                await lease.__aexit__(None, None, None)
-                raise
+        # A request that is still taking its lease or loading its state holds a queue place,
+        # so concurrent calls cannot all pass the check above before any of them is queued.
+        self._admitting += 1
+        try:
+            lease, meta, state = await self._lease_and_load(request)
+        finally:
+            self._admitting -= 1
 
         stream = RequestStream(request)
         loop = asyncio.get_running_loop()
@@ -163,34 +158,64 @@ class Engine:
                  request.request_id, request.session_id, len(request.prompt_tokens), request.max_tokens)
         return stream
 
-    async def _complete(self, stream: RequestStream, result: JobResult, lease, meta) -> None:
-        request = stream.request
-        try:
-            if result.finish_reason == "error":
-                log.error("request %s on session %s failed: %s", request.request_id, request.session_id,
-                          result.error)
-                stream._events.put_nowait(GenerationFailed(f"generation failed: {result.error}"))
-                return
-            version = None
-            if request.session_id is not None and lease is not None:
-                try:
-                    committed = await self.store.commit(request.session_id, state=result.state_bytes,
-                                                        tokens=result.consumed, base_version=meta.version)
-                    version = committed.version
-                except Exception as exc:
-                    log.error("request %s: commit of session %s failed: %s", request.request_id,
-                              request.session_id, exc)
-                    stream._events.put_nowait(GenerationFailed(f"saving the session state failed: {exc}"))
-                    return
-            usage = Usage(result.prompt_tokens, result.completion_tokens)
-            stream._events.put_nowait(Finished(result.finish_reason, result.text, usage, result.consumed, version))
-            log.info("request %s on session %s finished: %s, %d prompt + %d completion tokens",
-                     request.request_id, request.session_id, result.finish_reason, usage.prompt_tokens,
-                     usage.completion_tokens)
-        finally:
-            if lease is not None:
+    async def _lease_and_load(self, request: GenerateRequest):
+        """Take the session's lease and load its state. Ephemeral requests get (None, None, None)."""
+        lease, meta, state = None, None, None
+        if request.session_id is not None:
+            lease = self.store.lease(request.session_id, self.config.lease_ttl_seconds)
+            try:
+                await lease.__aenter__()
+            except SessionBusy:
+                raise EngineBusySession(request.session_id, self.config.retry_after_seconds) from None
+            try:
+                meta, blob = await self.store.load(request.session_id)
+                if blob is not None:
+                    state = await asyncio.to_thread(State.from_bytes, blob, self.model)
+            except BaseException:
                 await lease.__aexit__(None, None, None)
-            self._active.discard(stream)
+                raise
+        return lease, meta, state
+
+    async def _complete(self, stream: RequestStream, result: JobResult, lease, meta) -> None:
+        # The final event goes out only after the lease is released, so a client may send
+        # its next request on the session as soon as it receives this one's final event.
+        request = stream.request
+        event: Finished | GenerationFailed
+        try:
+            event = await self._commit(request, result, lease, meta)
+        except BaseException as exc:
+            # Nothing awaits this coroutine's result, so log here before re-raising.
+            log.exception("request %s: completing on session %s failed", request.request_id, request.session_id)
+            event = GenerationFailed(f"completing the request failed: {exc}")
+            raise
+        finally:
+            try:
+                if lease is not None:
+                    await lease.__aexit__(None, None, None)
+            finally:
+                self._active.discard(stream)
+                stream._events.put_nowait(event)
+
+    async def _commit(self, request: GenerateRequest, result: JobResult, lease, meta) -> Finished | GenerationFailed:
+        """Commit the session's new state and return the request's final event."""
+        if result.finish_reason == "error":
+            log.error("request %s on session %s failed: %s", request.request_id, request.session_id, result.error)
+            return GenerationFailed(f"generation failed: {result.error}")
+        version = None
+        if request.session_id is not None and lease is not None:
+            try:
+                committed = await self.store.commit(request.session_id, state=result.state_bytes,
+                                                    tokens=result.consumed, base_version=meta.version)
+                version = committed.version
+            except Exception as exc:
+                log.error("request %s: commit of session %s failed: %s", request.request_id,
+                          request.session_id, exc)
+                return GenerationFailed(f"saving the session state failed: {exc}")
+        usage = Usage(result.prompt_tokens, result.completion_tokens)
+        log.info("request %s on session %s finished: %s, %d prompt + %d completion tokens",
+                 request.request_id, request.session_id, result.finish_reason, usage.prompt_tokens,
+                 usage.completion_tokens)
+        return Finished(result.finish_reason, result.text, usage, result.consumed, version)
 
     # --- session memory ---
 
