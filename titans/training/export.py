@@ -41,8 +41,15 @@ def model_card(name, config, settings, payload, data, evaluation, dtype, model) 
     lines = [f"# {name}", "",
              f"A Titans MAC language model ({config.name} config, {model.num_parameters():,} parameters, "
              f"weights in {dtype}).", ""]
-    lines += ["## Training", "",
-              f"- Command: `{settings.get('extra', {}).get('command', 'unknown')}`"]
+    extra = settings.get("extra", {})
+    commands = extra.get("commands") or [extra.get("command", "unknown")]
+    lines += ["## Training", ""]
+    if len(commands) == 1:
+        lines.append(f"- Command: `{commands[0]}`")
+    else:
+        lines.append("- Commands (the run was resumed; each resume continues exactly where the last stopped, "
+                     "under the new command's schedule):")
+        lines += [f"  {i}. `{command}`" for i, command in enumerate(commands, 1)]
     for source in data.get("sources", []):
         lines.append(f"- Data: `{Path(source['path']).name}`, {source['bytes']:,} bytes, "
                      f"SHA-256 `{source['sha256']}`")

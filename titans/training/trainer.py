@@ -117,7 +117,11 @@ def train(config: MACConfig, data_dir: str | Path, out_dir: str | Path, settings
     sampler = torch.Generator().manual_seed(settings.seed)
     step, tokens_seen, elapsed = 0, 0, 0.0
     if resume:
-        step, tokens_seen, elapsed = _load_train_state(out / TRAIN_STATE, config, model, optimizer, sampler)
+        step, tokens_seen, elapsed, earlier = _load_train_state(out / TRAIN_STATE, config, model, optimizer,
+                                                                sampler)
+        # Keep every command of the run on record, so the model card lists how it was made.
+        commands = earlier.get("commands") or ([earlier["command"]] if earlier.get("command") else [])
+        settings.extra["commands"] = commands + [settings.extra.get("command", "")]
         log.info("resumed from %s at step %d", out / TRAIN_STATE, step)
 
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -240,7 +244,7 @@ def load_train_state(path: Path) -> dict:
         raise ResumeError(f"cannot read training checkpoint {path}: {exc}") from None
 
 
-def _load_train_state(path: Path, config, model, optimizer, sampler) -> tuple[int, int, float]:
+def _load_train_state(path: Path, config, model, optimizer, sampler) -> tuple[int, int, float, dict]:
     payload = load_train_state(path)
     saved = MACConfig.from_dict(json.loads(payload["config"]))
     if saved != config:
@@ -251,7 +255,8 @@ def _load_train_state(path: Path, config, model, optimizer, sampler) -> tuple[in
     optimizer.load_state_dict(payload["optimizer"])
     sampler.set_state(payload["sampler"])
     torch.set_rng_state(payload["torch_rng"])
-    return int(payload["step"]), int(payload["tokens_seen"]), float(payload["elapsed"])
+    extra = json.loads(payload["settings"]).get("extra", {})
+    return int(payload["step"]), int(payload["tokens_seen"]), float(payload["elapsed"]), extra
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:
