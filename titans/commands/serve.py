@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -67,6 +68,10 @@ def load_settings(args: argparse.Namespace):
         raise CommandError(f"invalid server settings: {problems}") from None
 
 
+def _absorb_replayed_signal(signum: int, frame: object) -> None:
+    log.debug("received signal %d after shutdown", signum)
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -86,7 +91,14 @@ def run(args: argparse.Namespace) -> int:
 
     if settings.workers == 1:
         server = uvicorn.Server(uvicorn.Config(create_app(settings), **common))
-        server.run()
+        # After a graceful shutdown uvicorn raises the SIGTERM it handled once more, so that
+        # the default action ends the process. This handler absorbs it, and the command
+        # exits with status 0 instead of dying by the signal.
+        previous = signal.signal(signal.SIGTERM, _absorb_replayed_signal)
+        try:
+            server.run()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         return 0 if server.started else STARTUP_FAILURE
 
     # Several workers: each rebuilds the settings from TITANS_* variables, and metrics go
