@@ -204,7 +204,8 @@ class Engine:
         version = None
         if request.session_id is not None and lease is not None:
             try:
-                committed = await self.store.commit(request.session_id, state=result.state_bytes,
+                data = await asyncio.to_thread(result.state.to_bytes)
+                committed = await self.store.commit(request.session_id, state=data,
                                                     tokens=result.consumed, base_version=meta.version)
                 version = committed.version
             except Exception as exc:

@@ -47,7 +47,9 @@ class JobResult:
     prompt_tokens: int
     completion_tokens: int
     consumed: int  # tokens the state absorbed (the pending token counts once fed)
-    state_bytes: bytes | None  # serialised state for the store; None for ephemeral sessions
+    # The session's final state, serialised off this thread by the async side so that a
+    # commit never stalls the decode batch; None for ephemeral sessions and failures.
+    state: State | None
     error: str | None = None
 
 
@@ -142,7 +144,11 @@ class Scheduler:
             job.state.pending[0] = []
             job.prompt_tokens = len(job.to_feed)
             job.history = list(job.to_feed)
-            job.sampler = Sampler(job.request.sampling)
+            try:
+                job.sampler = Sampler(job.request.sampling)
+            except (ValueError, RuntimeError) as exc:  # e.g. a seed torch rejects
+                job.done(JobResult("error", "", job.prompt_tokens, 0, 0, None, f"invalid sampling: {exc}"))
+                continue
             job.stream = TextStream(self.tokenizer, job.request.stop)
             self._prefilling.append(job)
 
@@ -255,14 +261,9 @@ class Scheduler:
         text, ids = job.stream.finish() if job.stream else ("", [])
         if text:
             job.emit(TextDelta(text, ids))
-        try:
-            data = state.to_bytes() if job.request.session_id is not None else None
-        except Exception as exc:
-            log.exception("request %s: serialising the session state failed", job.request.request_id)
-            job.done(JobResult("error", "", job.prompt_tokens, len(job.generated), 0, None, str(exc)))
-            return
+        keep = state if job.request.session_id is not None else None
         job.done(JobResult(reason, job.stream.text if job.stream else "", job.prompt_tokens,
-                           len(job.generated), state.consumed[0] + len(state.pending[0]), data))
+                           len(job.generated), state.consumed[0] + len(state.pending[0]), keep))
 
     def _fail(self, job: Job, exc: Exception) -> None:
         self._take_state(job)
