@@ -9,7 +9,6 @@ so a scrape that lands on any worker returns the totals. Gauges then sum over li
 from __future__ import annotations
 
 import os
-import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -128,15 +127,3 @@ class MetricsObserver(EngineObserver):
         if self.engine is not None:
             self.metrics.batch_size.set(self.engine.batch_size)
             self.metrics.queue_depth.set(self.engine.queue_depth)
-
-
-class Timer:
-    """Context manager that measures elapsed seconds with a monotonic clock."""
-
-    def __enter__(self) -> "Timer":
-        self.started = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.seconds = time.perf_counter() - self.started
