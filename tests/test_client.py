@@ -442,9 +442,13 @@ def test_too_large_body_and_state(client: TitansClient) -> None:
     with pytest.raises(PayloadTooLarge) as caught:
         client.generate(session.id, "x" * (MAX_BODY_BYTES + 1000))
     assert caught.value.status_code == 413
+    assert caught.value.code == "body_too_large"
+    assert str(MAX_BODY_BYTES) in caught.value.message
     with pytest.raises(PayloadTooLarge) as caught:
         client.import_memory(session.id, b"x" * (MAX_STATE_UPLOAD_BYTES + 1000))
     assert caught.value.status_code == 413
+    assert caught.value.code == "body_too_large"
+    assert str(MAX_STATE_UPLOAD_BYTES) in caught.value.message
     client.delete_session(session.id)
 
 
