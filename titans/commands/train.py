@@ -11,7 +11,7 @@ from dataclasses import fields
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from titans.training.trainer import TrainSettings
+    from titans.training.settings import TrainSettings
 
     parser.add_argument("--config", required=True, help="model config: a name (tiny, small, ...) or a YAML file")
     parser.add_argument("--data", required=True, help="data directory made by `titans prepare`")
@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from titans.cli import CommandError
     from titans.model import MACConfig
     from titans.training.data import TokenData
-    from titans.training.trainer import TrainSettings, train
+    from titans.training.settings import TrainSettings
+    from titans.training.trainer import train
 
     config = MACConfig.load(args.config)
     overrides = {}

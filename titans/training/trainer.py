@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from titans.model.checkpoint import resolve_device
 
 from .data import DataError, TokenData
 from .evaluate import evaluate
+from .settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +37,6 @@ METRICS_FILE = "metrics.jsonl"
 
 class ResumeError(ValueError):
     """A training checkpoint that does not fit the current run."""
-
-
-@dataclass
-class TrainSettings:
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 8  # sequences per micro-batch per process
-    seq_len: int = 0  # tokens per sequence; 0 = four segments
-    accumulation: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-3  # peak learning rate
-    min_lr: float = 2e-4  # learning rate at the end of the cosine decay
-    warmup: int = 100  # steps of linear warmup
-    weight_decay: float = 0.1  # decoupled, on matrices only
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    eval_interval: int = 100  # steps between evaluations; 0 = only at the end
-    eval_windows: int = 64  # validation windows per evaluation
-    checkpoint_interval: int = 200  # steps between checkpoints
-    seed: int = 1337
-    device: str = "auto"
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
-    extra: dict = field(default_factory=dict)  # recorded in the checkpoint (command line, data hash)
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
