@@ -10,7 +10,7 @@ reports per store and N:
 - speedup: that throughput over the 1-client throughput on the same store;
 - time to first token (TTFT) p50 and p99: from sending a request to its first text event;
 - inter-token latency (ITL) p50 and p99: the gap between consecutive text events, divided
-  evenly over the tokens of the later event (an event holds several tokens when the
+  evenly over the tokens of the later event (an event contains several tokens when the
   detokenizer held text back, for example inside a multi-byte character);
 - errors: non-200 responses, error events and transport failures (the target is zero).
 
@@ -64,6 +64,7 @@ def percentile(samples: list[float], fraction: float) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", default=None,
                         help="serving checkpoint directory (default: the titans CLI's default checkpoint)")
@@ -85,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/results/serve_bench.json",
                         help="JSON output path (default: %(default)s)")
     args = parser.parse_args(argv)
+
     args.stores = [name.strip() for name in args.stores.split(",") if name.strip()]
     unknown = sorted(set(args.stores) - {"memory", "redis"})
     if unknown:

@@ -18,7 +18,8 @@ from server_fixtures import (  # noqa: F401  (fixtures are registered by import)
 )
 
 TIMEOUT_SECONDS = 2
-# Enough tokens to outlast the timeout on any CPU: the tiny model needs about 1 ms or more per token.
+# Enough tokens to outlast the timeout unless a decode step takes under 0.5 ms. The tiny model
+# took about 5 ms per token on a 2-core CPU (one measurement).
 LONG_GENERATION = 4000
 
 
@@ -46,7 +47,7 @@ def test_queue_full_returns_429(limited_server):
                     assert response.headers["retry-after"] == "3"
                     assert "queue" in error["message"]
                     assert error["type"] == "rate_limit_error"
-    # Both streams were closed; the slots free up and requests pass again.
+    # Both streams were closed, so the slots free up and requests pass again.
     with limited_server.client(None) as client:
         for _ in range(100):
             samples = scrape(client)

@@ -187,22 +187,26 @@ def test_openai_errors(oai, main_server):
             with pytest.raises(openai.BadRequestError) as raised:
                 oai.completions.create(model=MODEL, prompt=PROMPT, stream=stream, **options)
             assert raised.value.body["param"] == param, (options, raised.value.body)
+
     with pytest.raises(openai.BadRequestError) as raised:
         oai.completions.create(model=MODEL, prompt=["one", "two"])
     assert raised.value.body["param"] == "prompt"
     with pytest.raises(openai.BadRequestError) as raised:
         oai.completions.create(model=MODEL, prompt=[5, 300])
     assert "0..299" in raised.value.body["message"]
+
     with pytest.raises(openai.NotFoundError) as raised:
         oai.completions.create(model="gpt-4", prompt=PROMPT)
     assert raised.value.body["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError) as raised:
         oai.completions.create(model=MODEL, prompt=PROMPT, extra_headers={"X-Session-Id": "no-such-session"})
     assert raised.value.body["code"] == "session_not_found"
+
     with pytest.raises(openai.BadRequestError):
         oai.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
     with pytest.raises(openai.BadRequestError):
         oai.chat.completions.create(model=MODEL, messages=[])
+
     with pytest.raises(openai.AuthenticationError):
         with openai.OpenAI(base_url=main_server.url + "/v1", api_key="wrong", max_retries=0) as stranger:
             stranger.models.list()
@@ -226,7 +230,7 @@ def test_other_key_cannot_use_session(main_server):
 
 
 def test_raw_sse_framing(client):
-    """Frames parsed by httpx-sse: JSON chunks, then [DONE]; headers that disable buffering."""
+    """Frames parsed by httpx-sse are JSON chunks and then [DONE], with headers that disable buffering."""
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "stream": True, "temperature": 0,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     with connect_sse(client, "POST", "/v1/completions", json=body) as source:

@@ -109,7 +109,7 @@ def test_metrics_exposition_format(client):
 
 
 def test_unreachable_store(server_factory, tmp_path):
-    """A store that does not answer: the process is alive, not ready, and store routes return 503."""
+    """A store that does not respond: the process is alive, not ready, and store routes return 503."""
     server = server_factory(["--store-url", "redis://127.0.0.1:1/0", "--store-timeout-seconds", "0.5"],
                             ready_path="/healthz")
     with server.client(key=None) as client:

@@ -112,7 +112,7 @@ def test_two_processes_alternate_on_one_session(server_factory, redis_prefix, re
             history += expected
             assert result["session_tokens"] == len(history)
 
-        # The lease is shared through Redis: the other process sees the session as busy.
+        # The lease is shared through Redis, so the other process gets 409 for the busy session.
         body = {"prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True}
         with on_left.stream("POST", f"/v1/sessions/{session_id}/generate", json=body) as response:
             assert response.status_code == 200
@@ -140,7 +140,7 @@ def test_workers_share_sessions_and_metrics(server_factory, redis_prefix, refere
     metrics_dir.mkdir()
     server = server_factory(redis_options(redis_prefix) + ["--workers", "2"],
                             environment={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
-    # Every request on a new connection, so the kernel spreads them over the workers.
+    # Every request goes on a new connection, so the kernel may hand it to either worker.
     session_id = httpx.post(server.url + "/v1/sessions").json()["id"]
     history: list[int] = []
     for prompt in (PROMPT_1, PROMPT_2, PROMPT_3):
@@ -160,5 +160,6 @@ def test_workers_share_sessions_and_metrics(server_factory, redis_prefix, refere
         assert metric(samples, "titans_requests_total", route="/v1/sessions/{session_id}/generate", method="POST",
                       status="200") == 3
         assert metric(samples, "titans_generated_tokens_total") == 12
+    # Each worker writes its own counter file, named after its process id.
     worker_files = {path.name.rsplit("_", 1)[-1] for path in metrics_dir.glob("counter_*.db")}
     assert len(worker_files) == 2, sorted(path.name for path in metrics_dir.iterdir())

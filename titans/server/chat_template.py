@@ -12,8 +12,8 @@ Generation stops at `"\\nuser:"`, the start of a next user turn, which the reply
 Roles are system, developer, user and assistant. A message's content is a string or a
 list of `{"type": "text", "text": ...}` parts, which are joined without a separator.
 
-With a session (X-Session-Id), send only the new messages: the session's memory already
-holds the earlier turns.
+With a session (X-Session-Id), send only the new messages, because the session's memory
+already contains the earlier turns.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Request context for log lines: the request id and session id of the request being served.
 
-A middleware sets the context when a request arrives; routes fill in the session id once
-they know it. A logging filter copies both ids into every record, so each line about a
+A middleware sets the context when a request arrives, and routes add the session id once
+they have resolved it. A logging filter copies both ids into every record, so each line about a
 request carries them, including lines from the store and engine modules that run in the
 request's task.
 """
@@ -79,7 +79,7 @@ def configure_logging(level: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # uvicorn's own loggers propagate to the root handler; its access log is replaced by
+    # uvicorn's own loggers propagate to the root handler. Its access log is replaced by
     # the server's, which carries the request id.
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers.clear()

@@ -85,10 +85,12 @@ def to_api_error(exc: BaseException) -> APIError | None:
         # The same message whether the session never existed or belongs to another API key.
         return APIError(404, f"session {exc.session_id!r} not found", code="session_not_found",
                         param="session_id")
+
     if isinstance(exc, InvalidSessionId):
         return APIError(400, str(exc), code="invalid_session_id", param="session_id")
     if isinstance(exc, SessionExists):
         return APIError(409, str(exc), code="session_exists", param="id")
+
     if isinstance(exc, EngineBusySession):
         return APIError(409, str(exc), code="session_busy", headers=retry_after_header(exc.retry_after))
     if isinstance(exc, SessionBusy):
@@ -97,6 +99,7 @@ def to_api_error(exc: BaseException) -> APIError | None:
         return APIError(409, str(exc), code="version_conflict", headers=retry_after_header(1.0))
     if isinstance(exc, TooManySessions):
         return APIError(409, str(exc), code="too_many_sessions")
+
     if isinstance(exc, QueueFull):
         return APIError(429, str(exc), code="queue_full", headers=retry_after_header(exc.retry_after))
     if isinstance(exc, StateTooLarge):
@@ -105,6 +108,7 @@ def to_api_error(exc: BaseException) -> APIError | None:
         return APIError(503, str(exc), code="store_unavailable", headers=retry_after_header(1.0))
     if isinstance(exc, EngineStopped):
         return APIError(503, str(exc), code="engine_stopped", headers=retry_after_header(1.0))
+
     if isinstance(exc, CorruptState):
         return APIError(500, str(exc), code="corrupt_state")
     if isinstance(exc, StateModelMismatch):

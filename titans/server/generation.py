@@ -34,7 +34,7 @@ CANCEL_WAIT_SECONDS = 10.0
 
 
 def normalize_stop(stop: str | list[str] | None, param: str = "stop") -> list[str]:
-    """Return the stop strings as a list; raise a 400 naming `param` when one is empty or too long."""
+    """Return the stop strings as a list, or raise a 400 naming `param` when one is empty or too long."""
     if stop is None:
         return []
     strings = [stop] if isinstance(stop, str) else list(stop)
@@ -88,7 +88,7 @@ def check_prompt_length(runtime: Runtime, tokens: list[int], param: str = "promp
 async def start_generation(runtime: Runtime, *, session: SessionMeta | None, prompt_tokens: list[int],
                            max_tokens: int, sampling: SamplingParams, stop: list[str],
                            stop_at_eos: bool = True) -> Generation:
-    """Admit a request to the engine; raises APIError, store or engine errors before any event.
+    """Admit a request to the engine. Raises APIError, a store error or an engine error before any event.
 
     `max_tokens=0` appends the prompt without generating. `session=None` runs on a fresh
     memory that is discarded afterwards.

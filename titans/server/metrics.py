@@ -39,7 +39,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.multiprocess = multiprocess_directory() is not None
-        # In multiprocess mode values go to files; a registry is built per scrape instead.
+        # In multiprocess mode values go to files, and a registry is built per scrape instead.
         registry = None if self.multiprocess else CollectorRegistry()
         self.registry = registry
         gauge_mode = {"multiprocess_mode": "livesum"}
@@ -99,7 +99,7 @@ class Metrics:
 
 
 class MetricsObserver(EngineObserver):
-    """Engine hooks that feed the metrics; called on the engine thread."""
+    """Engine hooks that update the metrics. The engine calls them on its own thread."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics

@@ -1,4 +1,4 @@
-"""ASGI middleware: request ids, access logs and request metrics; API key checks."""
+"""ASGI middleware: request ids, access logs, request metrics, API key checks and body size limits."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .metrics import Metrics
 
 log = logging.getLogger("titans.server.access")
 
-# Routes that load balancers and orchestrators probe; they need no API key and log at DEBUG.
+# Routes that load balancers and orchestrators probe. They need no API key and log at DEBUG.
 PROBE_PATHS = ("/healthz", "/readyz")
 ANONYMOUS_OWNER = "anonymous"
 

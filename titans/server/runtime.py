@@ -1,4 +1,4 @@
-"""What the app holds while it serves: the checkpoint, the session store and the engine."""
+"""Objects the app keeps while it serves: the checkpoint, the session store and the engine."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ async def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     try:
         await store.ping()
     except StoreUnavailable as exc:
-        # Serving starts anyway: /readyz reports 503 until the store answers.
+        # Serving starts anyway, and /readyz reports 503 until the store responds.
         log.warning("the %s session store is not reachable yet: %s", store.backend, exc)
 
     observer = MetricsObserver(metrics)

@@ -36,7 +36,7 @@ async def reset_memory(session: SessionDep, runtime: RuntimeDep) -> SessionInfo:
             responses={200: {"content": {STATE_MEDIA_TYPE: {}}, "description": "the state file"}},
             summary="Export the session's memory as a state file")
 async def export_memory(session: SessionDep, runtime: RuntimeDep) -> Response:
-    """Return the last committed state; a request running meanwhile is not included."""
+    """Return the last committed state. A request running meanwhile is not included."""
     meta, state = await runtime.store.load(session.id)
     if state is None:
         state = await runtime.engine.fresh_state_bytes()
@@ -53,7 +53,7 @@ async def export_memory(session: SessionDep, runtime: RuntimeDep) -> Response:
                 "schema": {"type": "string", "format": "binary"}}}}},
             summary="Import a state file into the session, replacing its memory")
 async def import_memory(session: SessionDep, request: Request, runtime: RuntimeDep) -> SessionInfo:
-    """Validate the whole file for the loaded model before storing it; a rejected file leaves the old state."""
+    """Validate the whole file for the loaded model before storing it, so a rejected file leaves the old state."""
     data = await request.body()
     if not data:
         raise APIError(400, "the request body must be a state file, got an empty body", code="invalid_state")

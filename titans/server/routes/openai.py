@@ -52,8 +52,8 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 # OpenAI's default max_tokens of /v1/completions.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-# OpenAI has no finish reason for a request cut short by a server shutdown; "length" tells
-# the client the text is incomplete.
+# OpenAI has no finish reason for a request cut short by a server shutdown. "length" lets
+# the client see that the text is incomplete.
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "length"}
 
 SessionHeader = Annotated[str | None, Header(alias="X-Session-Id", description="session to run on")]

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_METADATA_ENTRIES = 32
 MAX_METADATA_KEY_CHARS = 128
 MAX_METADATA_VALUE_CHARS = 1024
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 64 bits
+MAX_SEED = 2**63 - 1  # the largest signed 64-bit integer, which torch.Generator.manual_seed accepts
 
 
 class StrictBody(BaseModel):
