@@ -159,7 +159,7 @@ def test_chat_on_session_by_header_and_field(oai, client, reference):
 
     history = tokenizer.encode(render_chat([("user", "Hail!")]))
     history += greedy_tokens(reference, history, 6)
-    history += tokenizer.encode(render_chat([("user", "Speak again.")]))
+    history += tokenizer.encode(render_chat([("user", "Speak again.")], continuation=True))
     assert second.choices[0].message.content == tokenizer.decode(greedy_tokens(reference, history, 6))
     assert first.usage.completion_tokens == 6
     assert client.get(f"/v1/sessions/{session_id}").json()["tokens"] == len(history) + 6
@@ -187,6 +187,10 @@ def test_openai_errors(oai, main_server):
             with pytest.raises(openai.BadRequestError) as raised:
                 oai.completions.create(model=MODEL, prompt=PROMPT, stream=stream, **options)
             assert raised.value.body["param"] == param, (options, raised.value.body)
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        oai.completions.create(model=MODEL, prompt=PROMPT, stream_options={"include_usage": True})
+    assert raised.value.body["param"] == "stream_options"
 
     with pytest.raises(openai.BadRequestError) as raised:
         oai.completions.create(model=MODEL, prompt=["one", "two"])

@@ -66,7 +66,9 @@ def check_model(runtime: Runtime, model: str | None) -> None:
 
 
 def check_unsupported(body: SamplingRequest) -> None:
-    """Reject OpenAI fields whose effect this server does not implement."""
+    """Reject OpenAI fields whose effect this server does not implement, and stream_options without stream."""
+    if body.stream_options is not None and not body.stream:
+        raise invalid_parameter("stream_options", "stream_options is only allowed with stream: true")
     if body.n != 1:
         raise invalid_parameter("n", f"n must be 1, got {body.n}: one choice per request is supported")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -251,8 +253,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(requested, runtime.settings.default_max_tokens, runtime, param)
-    prompt_tokens = await encode_prompt(runtime, render_chat(chat_messages(body)), param="messages")
+    messages = chat_messages(body)
     session = await resolve_session(runtime, owner, session_header, body.session_id)
+    continuation = session is not None and session.tokens > 0
+    prompt_tokens = await encode_prompt(runtime, render_chat(messages, continuation), param="messages")
     generation = await admit(runtime, body, session, prompt_tokens, max_tokens, [CHAT_STOP])
 
     completion_id = f"chatcmpl-{generation.request_id}"
