@@ -89,3 +89,31 @@ def test_timeout_mid_stream_sends_error_event(limited_server):
             data = sse_data(list(response.iter_lines()))
         assert data[-1] == "[DONE]"
         assert json.loads(data[-2])["error"]["code"] == "timeout"
+
+
+def test_failure_mid_stream_sends_error_event(server_factory):
+    """A state over max_state_bytes fails the commit after the last token: the stream ends with an error."""
+    server = server_factory(["--max-state-bytes", "100000"])
+    with server.client(None) as client:
+        session_id = create_session(client)
+        body = {"prompt": "Hello", "max_tokens": 5, "ignore_eos": True, "stream": True}
+        with client.stream("POST", f"/v1/sessions/{session_id}/generate", json=body) as response:
+            assert response.status_code == 200
+            events = [json.loads(data) for data in sse_data(list(response.iter_lines()))]
+        assert events[-1]["error"]["code"] == "generation_failed"
+        assert "100000" in events[-1]["error"]["message"]
+        assert all(event.get("object") == "generation.delta" for event in events[:-1])
+
+        with client.stream("POST", "/v1/chat/completions", headers={"X-Session-Id": session_id},
+                           json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                                 "ignore_eos": True, "stream": True}) as response:
+            data = sse_data(list(response.iter_lines()))
+        assert data[-1] == "[DONE]"
+        assert json.loads(data[-2])["error"]["code"] == "generation_failed"
+
+        response = client.post(f"/v1/sessions/{session_id}/generate", json={"prompt": "Hello", "max_tokens": 2})
+        assert_error(response, 500, "generation_failed")
+        # The session keeps its last committed state: still the fresh one.
+        info = client.get(f"/v1/sessions/{session_id}").json()
+        assert info["version"] == 1
+        assert info["tokens"] == 0

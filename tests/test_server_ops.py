@@ -126,3 +126,22 @@ def test_unreachable_store(server_factory, tmp_path):
         samples = scrape(client)
         assert metric(samples, "titans_store_errors_total", backend="redis", operation="create",
                       error="StoreUnavailable") == 1
+
+
+def test_serve_command_rejects_bad_settings(tmp_path):
+    """`titans serve` exits with status 2 and one line naming the problem, never echoing API keys."""
+    import subprocess
+    import sys
+
+    missing = subprocess.run([sys.executable, "-m", "titans.cli", "serve", "--checkpoint", str(tmp_path / "none")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2
+    assert "checkpoint directory not found" in missing.stderr
+
+    invalid = subprocess.run([sys.executable, "-m", "titans.cli", "serve", "--checkpoint", str(tmp_path),
+                              "--workers", "2", "--api-keys", "secret-key-123"],
+                             capture_output=True, text=True, timeout=120)
+    assert invalid.returncode == 2
+    assert "invalid server settings" in invalid.stderr
+    assert "memory://" in invalid.stderr
+    assert "secret-key-123" not in invalid.stderr

@@ -123,6 +123,7 @@ class Generation:
         self.timeout = runtime.settings.request_timeout_seconds
         self.deadline = asyncio.get_running_loop().time() + self.timeout
         self.finished: Finished | None = None
+        self._ended = False  # the final event or the failure was read
         self._abandoned = False
 
     async def events(self) -> AsyncIterator[TextDelta | Finished]:
@@ -135,6 +136,7 @@ class Generation:
             except TimeoutError:
                 raise await self._time_out() from None
             except GenerationFailed as exc:
+                self._ended = True
                 raise to_api_error(exc) from None
             if isinstance(event, Finished):
                 self._record(event)
@@ -163,7 +165,7 @@ class Generation:
 
     def abandon(self) -> None:
         """Cancel the engine request unless it finished, and record its usage once it ends."""
-        if self.finished is not None or self._abandoned:
+        if self._ended or self._abandoned:
             return
         self._abandoned = True
         self.stream.cancel()
@@ -179,6 +181,7 @@ class Generation:
         try:
             _, finished = await asyncio.wait_for(self.stream.result(), CANCEL_WAIT_SECONDS)
         except (TimeoutError, GenerationFailed) as exc:
+            self._ended = True
             log.warning("request %s did not end cleanly after cancellation: %s", self.request_id, exc)
             return None
         self._record(finished)
@@ -202,6 +205,7 @@ class Generation:
         return APIError(504, message, code="timeout")
 
     def _record(self, finished: Finished) -> None:
+        self._ended = True
         if self.finished is not None:
             return
         self.finished = finished
