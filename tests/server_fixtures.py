@@ -193,17 +193,22 @@ def server_factory(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 # The main server's options: two API keys, short keep-alives and small prefill chunks so a
-# long prompt shows keep-alive comments, and limits small enough to test.
+# long prompt shows keep-alive comments, small prompt and body limits to test, and a
+# max_tokens limit high enough that a stream outlasts the checks made while it runs.
 MAIN_SERVER_OPTIONS = [
     "--api-keys", f"{KEY_A},{KEY_B}",
-    "--keepalive-seconds", "0.2",
+    "--keepalive-seconds", "0.1",
     "--prefill-chunk-tokens", "32",
     "--max-prompt-tokens", "2000",
-    "--max-max-tokens", "1000",
+    "--max-max-tokens", "20000",
     "--max-body-bytes", "65536",
     "--max-state-upload-bytes", "1048576",
     "--cors-origins", "http://app.example",
 ]
+# A max_tokens that keeps a stream running for seconds unless a decode step takes under
+# 0.1 ms (the tiny model took about 5 ms on one core). Tests close such streams early,
+# which cancels them.
+LONG_GENERATION = 20000
 _main_server: ServerProcess | None = None
 
 

@@ -18,15 +18,16 @@ from server_fixtures import (  # noqa: F401  (fixtures are registered by import)
 )
 
 TIMEOUT_SECONDS = 2
-# Enough tokens to outlast the timeout unless a decode step takes under 0.5 ms. The tiny model
+# Enough tokens to outlast the timeout unless a decode step takes under 0.1 ms. The tiny model
 # took about 5 ms per token on a 2-core CPU (one measurement).
-LONG_GENERATION = 4000
+LONG_GENERATION = 20000
 
 
 @pytest.fixture(scope="module")
 def limited_server(server_factory):
     return server_factory(["--max-batch-size", "1", "--max-queued-requests", "1",
-                           "--request-timeout-seconds", str(TIMEOUT_SECONDS), "--retry-after-seconds", "2.5"])
+                           "--request-timeout-seconds", str(TIMEOUT_SECONDS), "--retry-after-seconds", "2.5",
+                           "--max-max-tokens", str(LONG_GENERATION)])
 
 
 def test_queue_full_returns_429(limited_server):

@@ -9,6 +9,7 @@ from httpx_sse import connect_sse
 from server_fixtures import (  # noqa: F401  (fixtures are registered by import)
     KEY_A,
     KEY_B,
+    LONG_GENERATION,
     assert_error,
     create_session,
     greedy_tokens,
@@ -179,7 +180,7 @@ def test_openai_errors(oai, main_server):
         (dict(logprobs=2), "logprobs"),
         (dict(temperature=3), "temperature"),
         (dict(max_tokens=0), "max_tokens"),
-        (dict(max_tokens=5000), "max_tokens"),
+        (dict(max_tokens=25000), "max_tokens"),
         (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
     ]
     for options, param in cases:
@@ -260,7 +261,8 @@ def test_stream_error_before_start_is_plain_json(client):
 def test_busy_session_in_openai_stream(main_server):
     with main_server.client() as client, main_server.client() as other:
         session_id = create_session(client)
-        body = {"prompt": "x", "max_tokens": 1000, "ignore_eos": True, "stream": True, "session_id": session_id}
+        body = {"prompt": "x", "max_tokens": LONG_GENERATION, "ignore_eos": True, "stream": True,
+                "session_id": session_id}
         with client.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200
             lines = response.iter_lines()

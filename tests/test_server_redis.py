@@ -113,7 +113,7 @@ def test_two_processes_alternate_on_one_session(server_factory, redis_prefix, re
             assert result["session_tokens"] == len(history)
 
         # The lease is shared through Redis, so the other process gets 409 for the busy session.
-        body = {"prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        body = {"prompt": "x", "max_tokens": 4000, "ignore_eos": True, "stream": True}
         with on_left.stream("POST", f"/v1/sessions/{session_id}/generate", json=body) as response:
             assert response.status_code == 200
             lines = response.iter_lines()
