@@ -99,3 +99,9 @@ def test_dockerfile_ships_demo_checkpoint():
 def test_dockerfile_passes_hadolint():
     result = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_lists_every_setting():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = sorted(name for name in SETTING_NAMES if f"`{name}`" not in readme)
+    assert not missing, f"README.md does not list {missing}"
