@@ -40,7 +40,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from titans.model.config import MACConfig
 from titans.model.mac import MACModel
 from titans.model.sampling import Sampler, SamplingParams
-from titans.model.state import State
 
 MODEL_STAGES = ("attention", "memory_read", "memory_update", "mlp", "output_head")
 STAGES = MODEL_STAGES + ("sampling",)
