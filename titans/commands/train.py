@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "eval_interval": "steps between validation runs; 0 = only at the end",
         "eval_windows": "validation windows per evaluation", "checkpoint_interval": "steps between checkpoints",
         "seed": "random seed", "device": "auto, cpu or cuda", "threads": "CPU threads for torch; 0 = torch default",
+        "init_from": "fine-tune: start from the weights of a serving checkpoint or a run directory",
     }
     defaults = TrainSettings()
     for f in fields(TrainSettings):

@@ -22,4 +22,5 @@ class TrainSettings:
     seed: int = 1337
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    init_from: str = ""  # start from these weights (a serving checkpoint or a run directory); "" = random
     extra: dict = field(default_factory=dict)  # recorded in the checkpoint (command line, data hash)

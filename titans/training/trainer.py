@@ -90,7 +90,10 @@ def train(config: MACConfig, data_dir: str | Path, out_dir: str | Path, settings
     seq_len = settings.seq_len or 4 * config.segment_len
 
     torch.manual_seed(settings.seed)
-    model = MACModel(config).to(device)
+    model = MACModel(config)
+    if settings.init_from and not resume:
+        _load_initial_weights(model, Path(settings.init_from))
+    model = model.to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr,
                                   betas=(0.9, 0.95), fused=device.type == "cuda")
     # One sampler stream for all ranks; each rank takes its own slice of every draw, so the
@@ -176,6 +179,22 @@ def train(config: MACConfig, data_dir: str | Path, out_dir: str | Path, settings
                "val": last_eval, "world_size": world}
     _finish(out, model, summary, rank, world)
     return summary
+
+
+def _load_initial_weights(model: MACModel, source: Path) -> None:
+    """Load the weights of a serving checkpoint or a training run into `model` (fine-tuning)."""
+    from titans.model.checkpoint import load_checkpoint
+
+    if (source / "model.safetensors").is_file():
+        weights = load_checkpoint(source, "cpu").model.state_dict()
+    else:
+        path = source / TRAIN_STATE if source.is_dir() else source
+        weights = load_train_state(path)["model"]
+    try:
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
+    except RuntimeError as exc:
+        raise ResumeError(f"--init-from {source} does not fit the config: {exc}") from None
+    log.info("initialised the weights from %s", source)
 
 
 def _finish(out: Path, model: MACModel, summary: dict, rank: int, world: int) -> None:
