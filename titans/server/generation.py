@@ -133,7 +133,7 @@ class Generation:
         while True:
             try:
                 event = await asyncio.wait_for(anext(iterator), max(self.deadline - loop.time(), 0.0))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # the same class as the builtin TimeoutError only from Python 3.11
                 raise await self._time_out() from None
             except GenerationFailed as exc:
                 self._ended = True
@@ -180,7 +180,7 @@ class Generation:
     async def _wait_after_cancel(self) -> Finished | None:
         try:
             _, finished = await asyncio.wait_for(self.stream.result(), CANCEL_WAIT_SECONDS)
-        except (TimeoutError, GenerationFailed) as exc:
+        except (asyncio.TimeoutError, GenerationFailed) as exc:
             self._ended = True
             log.warning("request %s did not end cleanly after cancellation: %s", self.request_id, exc)
             return None

@@ -49,7 +49,7 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     checks = {"model": "ok", "store": "ok", "engine": "ok"}
     try:
         await asyncio.wait_for(runtime.store.ping(), runtime.settings.store_timeout_seconds)
-    except (StoreUnavailable, TimeoutError) as exc:
+    except (StoreUnavailable, asyncio.TimeoutError) as exc:
         checks["store"] = f"unavailable: {exc}"
     if not runtime.engine.running:
         checks["engine"] = "not running (starting up or shutting down)"
