@@ -136,6 +136,10 @@ class Scheduler:
         log.info("engine thread stopped after %d steps", self.steps)
 
     def _admit(self) -> None:
+        # A cancelled request still waiting for a slot leaves now, so its session's lease
+        # and its queue place free up without waiting for the batch to drain.
+        for job in [j for j in self._waiting if j.cancelled]:
+            self._finish(job, "cancelled")
         while self._waiting and self.running < self.config.max_batch_size:
             job = self._waiting.popleft()
             if job.state is None:
