@@ -37,6 +37,13 @@ def export(train_checkpoint: str | Path, out_dir: str | Path, dtype: str = "floa
     return out
 
 
+def memory_gain_sentence(gain: float) -> str:
+    if gain > 0:
+        return f"Carrying the memory across segments lowers the loss by {gain:.4f} nats per byte."
+    return (f"Carrying the memory across segments does not help this model: the loss is {-gain:.4f} "
+            "nats per byte higher than with the memory reset at every segment start.")
+
+
 def model_card(name, config, settings, payload, data, evaluation, dtype, model) -> str:
     lines = [f"# {name}", "",
              f"A Titans MAC language model ({config.name} config, {model.num_parameters():,} parameters, "
@@ -72,6 +79,6 @@ def model_card(name, config, settings, payload, data, evaluation, dtype, model) 
                   f"| {carried['bits_per_byte']:.4f} |",
                   f"| reset at every segment start | {reset['loss_per_token']:.4f} | {reset['nats_per_byte']:.4f} "
                   f"| {reset['bits_per_byte']:.4f} |", "",
-                  f"The memory lowers the loss by {evaluation['memory_gain_nats_per_byte']:.4f} nats per byte.", ""]
+                  memory_gain_sentence(evaluation["memory_gain_nats_per_byte"]), ""]
     lines += ["## Config", "", "```json", config.to_json(), "```", ""]
     return "\n".join(lines)
