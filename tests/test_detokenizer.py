@@ -9,7 +9,8 @@ import pytest
 from titans.engine.detokenizer import TextStream
 from titans.model.tokenizer import Tokenizer
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+# The corpus sits in shared/ beside the repository (as CI lays it out).
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,8 @@ from titans.model.sampling import SamplingParams
 from titans.model.tokenizer import Tokenizer
 from titans.session_store import MemoryStore, SessionStore, StoreUnavailable, open_store
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+# The corpus sits in shared/ beside the repository (as CI lays it out).
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
