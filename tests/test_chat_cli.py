@@ -34,7 +34,7 @@ from titans_client import TitansClient  # noqa: E402
 from titans.commands.chat import TURN_STOP, format_turn  # noqa: E402
 
 KEY = "chat-test-key"
-SESSION_LINE = re.compile(r"^session (\S+) \(continue it later with: titans chat --session \1\)$", re.MULTILINE)
+SESSION_LINE = re.compile(r"^session (\S+) \(continue it later with: titans chat --session=\1\)$", re.MULTILINE)
 
 
 @pytest.fixture(scope="module")

@@ -336,8 +336,9 @@ async def test_two_requests_equal_one_on_concatenation(checkpoint: Checkpoint) -
     expected = reference(checkpoint, first_prompt + first.tokens + second_prompt, 23)
     assert second.tokens == expected
     assert joined.tokens == expected
-    # The last token of the first request is fed at the start of the second.
-    assert second.finished.usage.prompt_tokens == len(second_prompt) + 1
+    # The last token of the first request is fed at the start of the second, but usage
+    # counts it once, as a completion token of the first request.
+    assert second.finished.usage.prompt_tokens == len(second_prompt)
     assert second.finished.session_tokens == len(first_prompt) + 17 + len(second_prompt) + 23
     assert second.finished.session_tokens == joined.finished.session_tokens
 
@@ -772,8 +773,9 @@ async def test_append_is_absorbed(checkpoint: Checkpoint, corpus: str) -> None:
     assert appended.deltas == []
     assert appended.finished.text == ""
     assert appended.finished.usage.completion_tokens == 0
-    # The append feeds the token left pending by the first request, then the document.
-    assert appended.finished.usage.prompt_tokens == len(document) + 1
+    # The append feeds the token left pending by the first request, then the document;
+    # usage counts only the document.
+    assert appended.finished.usage.prompt_tokens == len(document)
     assert appended.finished.session_tokens == meta.tokens == len(question) + 6 + len(document)
     assert answer.finished.usage.prompt_tokens == len(answer_prompt)
     assert answer.tokens == reference(checkpoint, question + first.tokens + document + answer_prompt, 15)

@@ -234,7 +234,7 @@ def open_session(client: "TitansClient", session_id: str | None, stderr: TextIO)
         print(f"continuing session {session_id}", file=stderr, flush=True)
         return session_id
     session = client.create_session(metadata={"client": "titans chat"})
-    print(f"session {session.id} (continue it later with: titans chat --session {session.id})",
+    print(f"session {session.id} (continue it later with: titans chat --session={session.id})",
           file=stderr, flush=True)
     return session.id
 

@@ -146,7 +146,7 @@ class Scheduler:
                 job.state = self.model.new_state(1)
             job.to_feed = list(job.state.pending[0]) + list(job.request.prompt_tokens)
             job.state.pending[0] = []
-            job.prompt_tokens = len(job.to_feed)
+            job.prompt_tokens = len(job.request.prompt_tokens)  # the pending token was billed already
             job.history = list(job.to_feed)
             try:
                 job.sampler = Sampler(job.request.sampling)

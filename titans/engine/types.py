@@ -45,7 +45,8 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class Usage:
-    prompt_tokens: int  # tokens fed from the prompt (plus a token pending from the previous request)
+    prompt_tokens: int  # tokens of this request's prompt (a token pending from the previous request
+    # is fed too, but was counted as a completion token of that request)
     completion_tokens: int  # tokens sampled in this request
 
     @property

@@ -33,8 +33,8 @@ class Settings(BaseSettings):
                                              "checkpoint's directory name")
 
     # --- session store ---
-    store_url: str = Field("memory://", description="session store: memory://, sqlite:///path.db or "
-                                                     "redis://host:port/db")
+    store_url: str = Field("memory://", description="session store: memory://, sqlite:///path.db, "
+                                                     "redis://host:port/db, rediss:// (TLS) or unix:///socket")
     store_prefix: str = Field("titans", description="key prefix in Redis, so deployments can share one Redis")
     session_ttl_seconds: float = Field(86400.0, gt=0, description="idle time in seconds after which a "
                                                                   "session expires")
@@ -93,6 +93,15 @@ class Settings(BaseSettings):
         if value.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError(f"must be debug, info, warning, error or critical, got {value!r}")
         return value.lower()
+
+    @field_validator("store_url")
+    @classmethod
+    def _check_store_scheme(cls, value: str) -> str:
+        from titans.session_store import ACCEPTED_SCHEMES
+
+        if value and not value.lower().startswith(ACCEPTED_SCHEMES):
+            raise ValueError(f"must start with one of {', '.join(ACCEPTED_SCHEMES)}, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "Settings":

@@ -141,8 +141,14 @@ def validate_session_id(session_id: object) -> str:
 
 
 def new_session_id() -> str:
-    """Generate a random session id of 32 URL-safe characters (192 bits), matching SESSION_ID_PATTERN."""
-    return secrets.token_urlsafe(24)
+    """Generate a random session id of 32 URL-safe characters (192 bits), matching SESSION_ID_PATTERN.
+
+    The id never starts with '-' or '_', so it can follow a command-line option as its value.
+    """
+    while True:
+        session_id = secrets.token_urlsafe(24)
+        if session_id[0].isalnum():
+            return session_id
 
 
 def state_digest(state: bytes) -> str:

@@ -77,7 +77,8 @@ class SessionDeleted(BaseModel):
 
 
 class SamplingFields(StrictBody):
-    temperature: float = Field(1.0, ge=0, description="softmax temperature; 0 is greedy")
+    temperature: float = Field(1.0, ge=0, le=100, allow_inf_nan=False,
+                               description="softmax temperature, at most 100; 0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling probability mass; 1 disables it")
     top_k: int = Field(0, ge=0, description="sample among the k most likely tokens; 0 disables it")
     min_p: float = Field(0.0, ge=0, le=1, description="drop tokens below min_p times the top probability")
