@@ -228,6 +228,8 @@ INVALID_CONFIGS = {
     "negative-persistent": (dict(persistent_tokens=-1), "persistent_tokens"),
     "memory-layer-out-of-range": (dict(memory_layers=(2,)), "memory_layers"),
     "zero-memory-lr": (dict(memory_max_lr=0.0), "memory_max_lr"),
+    "momentum-bound-above-one": (dict(memory_max_momentum=1.5), "memory_max_momentum"),
+    "zero-forget-bound": (dict(memory_max_forget=0.0), "memory_max_forget"),
 }
 
 

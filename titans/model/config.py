@@ -29,6 +29,7 @@ class MACConfig:
     memory_layers: tuple[int, ...] | None = None  # layer indices with a neural memory; None = all
     memory_max_lr: float = 1.0  # theta_max, upper bound of the data-dependent learning rate
     memory_max_momentum: float = 1.0  # eta_max, upper bound of the data-dependent momentum decay
+    memory_max_forget: float = 1.0  # alpha_max, upper bound of the data-dependent forgetting gate
     memory_residual: bool = True  # M(k) = MLP(k) + k
     output_gate: bool = True  # gate the attention output with a memory read
     conv_width: int = 4  # kappa, width of the short causal convolutions
@@ -64,6 +65,8 @@ class MACConfig:
             raise ValueError(f"memory_max_lr must be > 0, got {self.memory_max_lr!r}")
         if not 0 < self.memory_max_momentum <= 1:
             raise ValueError(f"memory_max_momentum must be in (0, 1], got {self.memory_max_momentum!r}")
+        if not 0 < self.memory_max_forget <= 1:
+            raise ValueError(f"memory_max_forget must be in (0, 1], got {self.memory_max_forget!r}")
         if self.ffn_dim is not None and self.ffn_dim < 1:
             raise ValueError(f"ffn_dim must be a positive integer, got {self.ffn_dim!r}")
         for index in self.memory_layers or ():

@@ -132,6 +132,7 @@ class NeuralMemory(nn.Module):
         self.residual = config.memory_residual
         self.max_lr = config.memory_max_lr
         self.max_momentum = config.memory_max_momentum
+        self.max_forget = config.memory_max_forget
         self.query = nn.Linear(dim, dim, bias=False)  # W^m_Q
         self.key = nn.Linear(dim, dim, bias=False)  # W^m_K
         self.value = nn.Linear(dim, dim, bias=False)  # W^m_V
@@ -179,7 +180,7 @@ class NeuralMemory(nn.Module):
         logits = self.gates(y).view(y.shape[0], y.shape[1], 3, self.heads).permute(0, 3, 1, 2)
         gates = torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
         # (B, H, m, 3): theta, eta, alpha
-        gates = gates * gates.new_tensor([self.max_lr, self.max_momentum, 1.0])
+        gates = gates * gates.new_tensor([self.max_lr, self.max_momentum, self.max_forget])
         return k, v, gates, history_k, history_v
 
     def update(self, weights, momentum, k, v, gates):
