@@ -195,7 +195,7 @@ class Scheduler:
         return used
 
     def _decode(self) -> int:
-        # Every row holds a sampled, unfed token: rows leave the batch as soon as they finish.
+        # Every row has a sampled, unfed token, because rows leave the batch as soon as they finish.
         if not self._rows:
             return 0
         tokens = torch.tensor([[j.next_token] for j in self._rows], device=self.model.device)

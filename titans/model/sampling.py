@@ -35,7 +35,7 @@ class SamplingParams:
 
 
 class Sampler:
-    """Samples the next token of one request; holds the request's random generator."""
+    """Sampler of one request's next tokens, with the request's own random generator."""
 
     def __init__(self, params: SamplingParams, device: torch.device | str = "cpu") -> None:
         self.params = params

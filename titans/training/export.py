@@ -56,7 +56,7 @@ def training_stages(settings: dict, payload: dict) -> list[tuple[dict, dict]]:
         path = Path(source)
         path = path / TRAIN_STATE if path.is_dir() else path
         if not path.is_file():
-            break  # initialised from a serving checkpoint: its own card tells its history
+            break  # initialised from a serving checkpoint: its own card records its history
         earlier = load_train_state(path)
         earlier_settings = json.loads(earlier["settings"])
         stages.insert(0, (earlier_settings, earlier))

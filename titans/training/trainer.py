@@ -1,7 +1,7 @@
 """Training loop: AdamW, warmup + cosine schedule, clipping, accumulation, evaluation, checkpoints.
 
 Runs on one process or under torchrun (DistributedDataParallel; gloo on the CPU, nccl on
-CUDA). A training checkpoint (`train_state.pt`) holds the model, the optimizer, the step,
+CUDA). A training checkpoint (`train_state.pt`) contains the model, the optimizer, the step,
 every random generator and the data sampler, so `--resume` continues exactly.
 """
 
@@ -96,8 +96,8 @@ def train(config: MACConfig, data_dir: str | Path, out_dir: str | Path, settings
     model = model.to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr,
                                   betas=(0.9, 0.95), fused=device.type == "cuda")
-    # One sampler stream for all ranks; each rank takes its own slice of every draw, so the
-    # sampler state is the same everywhere and a resume restores every rank's data position.
+    # One sampler stream serves all ranks, and each rank takes its own slice of every draw.
+    # So the sampler state is the same everywhere, and a resume restores every rank's data position.
     sampler = torch.Generator().manual_seed(settings.seed)
     step, tokens_seen, elapsed = 0, 0, 0.0
     if resume:
