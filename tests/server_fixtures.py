@@ -26,6 +26,7 @@ from typing import Iterator
 
 import httpx
 import pytest
+from redis_support import REDIS_URL, require_redis
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,9 +41,6 @@ CORPUS = Path(os.environ.get("TITANS_TEST_CORPUS", REPO_ROOT.parent / "shared" /
 CORPUS_CHARS = 50_000
 VOCAB_SIZE = 300
 
-REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
-REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
 
 KEY_A = "test-key-a"
 KEY_B = "test-key-b"
@@ -308,30 +306,6 @@ def wait_for_metric(client: httpx.Client, name: str, expected: float, timeout: f
 
 
 # --- Redis ------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _redis_unreachable_reason() -> str | None:
-    import redis
-
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_timeout=1.0, socket_connect_timeout=1.0)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as error:
-        return f"{type(error).__name__}: {error}"
-    finally:
-        client.close()
-    return None
-
-
-def require_redis() -> None:
-    """Skip the test when Redis is unreachable, or fail it when CI=true."""
-    reason = _redis_unreachable_reason()
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"Redis at {REDIS_HOST}:{REDIS_PORT} is required when CI=true but is not reachable: {reason}")
-    pytest.skip(f"Redis at {REDIS_HOST}:{REDIS_PORT} is not reachable: {reason}")
 
 
 def delete_redis_prefix(prefix: str) -> None:

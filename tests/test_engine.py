@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import math
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from redis_support import REDIS_HOST, REDIS_PORT, REDIS_URL, require_redis
 import torch
 
 import titans.engine.scheduler as scheduler_module
@@ -46,9 +45,6 @@ from titans.session_store import MemoryStore, SessionStore, StoreUnavailable, op
 
 # The corpus sits in shared/ beside the repository (as CI lays it out).
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
-REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
 GREEDY = SamplingParams(temperature=0.0)
 OWNER = "engine-tests"
 
@@ -203,30 +199,6 @@ class RecordingObserver(EngineObserver):
 
 
 # --- Redis availability ---------------------------------------------------------------------
-
-
-@functools.cache
-def redis_unreachable_reason() -> str | None:
-    """Return why the test Redis cannot be used, or None when it replies to PING."""
-    import redis
-
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_timeout=1.0, socket_connect_timeout=1.0)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as error:
-        return f"{type(error).__name__}: {error}"
-    finally:
-        client.close()
-    return None
-
-
-def require_redis() -> None:
-    reason = redis_unreachable_reason()
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"Redis at {REDIS_HOST}:{REDIS_PORT} is required when CI=true but is not reachable: {reason}")
-    pytest.skip(f"Redis at {REDIS_HOST}:{REDIS_PORT} is not reachable: {reason}")
 
 
 @pytest.fixture

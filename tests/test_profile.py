@@ -11,7 +11,7 @@ import torch
 from titans.analysis.profile import MODEL_STAGES, analytic_flops
 from titans.cli import main
 from titans.model import MACConfig, MACModel
-from titans.model.checkpoint import load_checkpoint, save_checkpoint
+from titans.model.checkpoint import save_checkpoint
 from titans.model.tokenizer import Tokenizer
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"

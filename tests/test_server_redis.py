@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from server_fixtures import (  # noqa: F401  (fixtures are registered by import)
     REDIS_URL,

@@ -8,9 +8,7 @@ CI=true, where they fail instead.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import os
 import random
 import socket
 import sqlite3
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis_support import REDIS_HOST, REDIS_PORT, REDIS_URL, require_redis
 
 from titans.session_store import (
     CorruptState,
@@ -38,37 +37,10 @@ from titans.session_store import (
 )
 from titans.session_store.base import SESSION_ID_PATTERN
 
-REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
-REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
 MB = 2**20
 
 
 # --- Redis availability -------------------------------------------------------------------
-
-
-@functools.cache
-def _redis_unreachable_reason() -> str | None:
-    """Return why the test Redis cannot be used, or None when it replies to PING."""
-    import redis
-
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_timeout=1.0, socket_connect_timeout=1.0)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as error:
-        return f"{type(error).__name__}: {error}"
-    finally:
-        client.close()
-    return None
-
-
-def require_redis() -> None:
-    reason = _redis_unreachable_reason()
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"Redis at {REDIS_HOST}:{REDIS_PORT} is required when CI=true but is not reachable: {reason}")
-    pytest.skip(f"Redis at {REDIS_HOST}:{REDIS_PORT} is not reachable: {reason}")
 
 
 async def delete_redis_prefix(prefix: str) -> None:
