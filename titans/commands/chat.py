@@ -60,7 +60,7 @@ def format_turn(message: str) -> str:
 
 
 def import_client():
-    """Import titans_client, or raise a CommandError that tells how to install it."""
+    """Import titans_client, or raise a CommandError that explains how to install it."""
     from titans.cli import CommandError
 
     try:

@@ -50,7 +50,7 @@ class SlotBatch:
         return out
 
     def view(self) -> State:
-        """The live rows as one batched state whose tensors share storage with the batch."""
+        """Return the live rows as one batched state whose tensors share storage with the batch."""
         layers = [LayerState.from_tensors({k: t[:self.size] for k, t in layer.tensors().items()})
                   for layer in self._rows.layers]
         return State(layers, self._rows.consumed[:self.size], self._rows.pending[:self.size],

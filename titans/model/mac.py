@@ -131,7 +131,7 @@ class MACModel(nn.Module):
         self._fingerprint = value
 
     def new_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> State:
-        """A fresh state for `batch_size` sessions: initial memory weights, zero momentum."""
+        """Create a fresh state for `batch_size` sessions: initial memory weights, zero momentum."""
         cfg = self.config
         device = torch.device(device) if device is not None else self.device
         dtype = self.embed.weight.dtype

@@ -129,7 +129,7 @@ class State:
                      [list(p) for p in self.pending], self.fingerprint)
 
     def split(self) -> list["State"]:
-        """One state per session, each with batch size 1 (copies, not views)."""
+        """Split into one state per session, each with batch size 1 (copies, not views)."""
         return [
             State(self._map(lambda t, i=i: t[i:i + 1].clone()), [self.consumed[i]],
                   [list(self.pending[i])], self.fingerprint)
